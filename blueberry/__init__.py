@@ -1,5 +1,7 @@
 """Blueberry: an architecture-ablation harness for small GPT-style language models."""
 
+__version__ = "0.1.0"
+
 from blueberry.config import ModelConfig, RunConfig, load_config
 from blueberry.errors import BlueberryError, ConfigError
 from blueberry.model import build_model, count_params
