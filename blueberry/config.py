@@ -189,6 +189,13 @@ class DataConfig(Section):
     val_fraction: float = 0.05
     cache_dir: str | None = None  # default: $BLUEBERRY_CACHE or ~/.cache/blueberry
 
+    @field_validator("max_docs", "max_bytes")
+    @classmethod
+    def _limit(cls, v: int | None) -> int | None:
+        if v is not None and v <= 0:
+            raise ValueError(f"must be positive or null, got {v}")
+        return v
+
     @field_validator("val_fraction")
     @classmethod
     def _frac(cls, v: float) -> float:
@@ -316,6 +323,13 @@ class EvalConfig(Section):
     every: float = 0.1  # evaluate at every multiple of this fraction of the budget, and at the end
     val_tokens: Count = 131072
     batch_size: int = 16
+
+    @field_validator("val_tokens", "batch_size")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError(f"must be positive, got {v}")
+        return v
 
     @field_validator("every")
     @classmethod
