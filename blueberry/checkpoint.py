@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from blueberry.config import RunConfig
+from blueberry.config import RunConfig, build_config
 from blueberry.errors import BlueberryError
 
 MODEL_FILE, OPTIM_FILE, TOKENIZER_FILE, META_FILE = "model.safetensors", "optimizer.pt", "tokenizer.json", "meta.json"
@@ -40,7 +40,8 @@ class Checkpoint:
 
     @property
     def config(self) -> RunConfig:
-        return RunConfig.model_validate(self.meta["config"])
+        """The run's config; its `plugins` are imported first, so plugin components resolve."""
+        return build_config(self.meta["config"], where=f"{self.path / META_FILE}")
 
     def model_state(self) -> dict[str, torch.Tensor]:
         return load_file(self.path / MODEL_FILE)
