@@ -66,6 +66,7 @@ def tiny_run_overrides(corpus, cache, **extra) -> list[str]:
         "data.cache_dir": str(cache),
         "eval.val_tokens": 2048,
         "eval.batch_size": 32,
+        "eval.every": 0.1,
         "train.micro_batch": 4,
         "train.grad_accum": 1,
         "train.compile": False,

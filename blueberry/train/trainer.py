@@ -294,6 +294,7 @@ def train(cfg: RunConfig, tracker=None, run_dir: str | Path | None = None, progr
             state.best_val_loss = metrics["val_loss"]
             save_checkpoint(ckpt_dir / "best", model, cfg, {**meta, "state": asdict(state)}, None, data.tokenizer_path)
 
+    start_steps = state.used.steps
     view = ProgressView(budget, enabled=progress and d.is_main)
     window_tokens, window_time, last_dt = 0, 0.0, 0.0
     p = budget.progress(state.used)
@@ -360,6 +361,9 @@ def train(cfg: RunConfig, tracker=None, run_dir: str | Path | None = None, progr
     finally:
         view.close()
 
+    if d.is_main and state.status == "finished" and state.used.steps > start_steps:  # not for a no-op resume
+        tracker.log_artifact(data.tokenizer_path)
+        tracker.log_text(sample_text(model, data), "sample.txt")
     final = dict(state.final_metrics)
     final["wall_time_s"] = wall_offset + time.perf_counter() - wall_start
     best = ckpt_dir / "best"
@@ -374,6 +378,22 @@ def train(cfg: RunConfig, tracker=None, run_dir: str | Path | None = None, progr
         train_time_s=state.used.train_time_s,
         wall_time_s=final["wall_time_s"],
     )
+
+
+SAMPLE_PROMPT = "Mr. Speaker, the state of the Union"
+
+
+def sample_text(model, data, prompt: str = SAMPLE_PROMPT, new_tokens: int = 48) -> str:
+    """A short sample from the trained model, logged with every run: a sanity check a loss cannot give."""
+    from blueberry.generate import generate
+
+    tok = data.load_tokenizer()
+    ids = [data.eot_id] + tok.encode(prompt).ids
+    was_training = model.training
+    model.eval()
+    out = generate(model, ids, max_new_tokens=new_tokens, temperature=0.8, top_k=50, seed=0, eot_id=data.eot_id)[0]
+    model.train(was_training)
+    return prompt + tok.decode(out)
 
 
 def _final(eval_metrics: dict[str, float], state: TrainState, sizes: dict[str, int], train_metrics: dict[str, float]) -> dict[str, float]:
