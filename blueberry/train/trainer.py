@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -233,8 +234,10 @@ def train(cfg: RunConfig, tracker=None, run_dir: str | Path | None = None, progr
         tracker.log_text(dump_yaml(cfg), "config.yaml")
         tracker.log_text(routing_table(optimizer.routes), "routing_table.txt")
     tracker.set_tags({**run_info(device), "precision": precision, "world_size": str(d.world_size)})
-    if d.is_main and progress:
-        print(routing_table(optimizer.routes) if last is None else f"resuming {run_dir} at step {state.used.steps}")
+    if d.is_main and last is not None:
+        print(f"resuming {run_dir} at step {state.used.steps}", file=sys.stderr, flush=True)
+    elif d.is_main and progress:
+        print(routing_table(optimizer.routes))
 
     # Compile and DDP wrap the same module; eval always uses the plain one.
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if d.enabled else None
