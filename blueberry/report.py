@@ -381,6 +381,34 @@ def _representative(s: VariantSummary) -> RunRecord | None:
     return None
 
 
+LOAD_SPREAD = 1.25  # seeds of one variant do identical work: a larger throughput spread is the machine
+
+
+def throughput_warning(sums) -> list[str]:
+    """A warning when seeds of the same variant ran at very different speeds.
+
+    They do the same computation, so only the machine (other jobs, thermal limits) can explain it; under a
+    time budget the slower seeds then see fewer tokens and the comparison measures load, not the variant.
+    """
+    worst = None
+    for name, s in sums.items():
+        tps = [v for v in s.per_run(lambda r: r.tokens_per_sec) if v]
+        if len(tps) >= 2 and max(tps) / min(tps) > LOAD_SPREAD:
+            spread = max(tps) / min(tps)
+            if worst is None or spread > worst[1]:
+                worst = (name, spread, min(tps), max(tps))
+    if worst is None:
+        return []
+    name, spread, lo, hi = worst
+    return [
+        f"**Warning: unsteady machine.** Seeds of `{name}` ran at {human(lo)} to {human(hi)} tokens/s "
+        f"({spread:.1f}x apart) for the same work. Under a time budget the slower runs saw fewer tokens, so "
+        "differences may reflect machine load rather than the variants: re-run on an otherwise idle machine, "
+        "or use a token or step budget.",
+        "",
+    ]
+
+
 def render_report(
     scope: ReportScope,
     records: Sequence[RunRecord],
@@ -439,6 +467,7 @@ def render_report(
     ))  # fmt: skip
     lines += ["", "Mean ± sample std over finished seeds (diverged runs counted, not averaged); MFU as a share "
               "of peak, — where not measured.", ""]  # fmt: skip
+    lines += throughput_warning(sums)
 
     floor_bpb, floor_loss = _std(base.values("val_bpb")), _std(base.values("val_loss"))
     lines += [f"## Against the baseline `{scope.baseline}`", ""]

@@ -176,3 +176,19 @@ def test_eval_curve_joins_by_step_and_prefers_the_newest_duplicate(store):
         ],
     )  # fmt: skip
     assert eval_curve(client, run_id, "train_time_s") == [(1.0, 5.0), (2.1, 3.9)]
+
+
+def test_unsteady_throughput_within_a_variant_is_flagged(store, tmp_path):
+    """Seeds of one variant do the same work: a 3x throughput spread means the machine was busy."""
+    from blueberry.report import throughput_warning
+
+    client = MlflowClient(tracking_uri=store)
+    exp = get_or_create_experiment(client, "demo", store)
+    ids = [_run(client, exp, "a", "hash_a", seed, "finished", 3.0, BASE_PARAMS) for seed in (0, 1)]
+    scope = ReportScope("demo", "a", {"a": "hash_a"})
+    for run_id, tokens in zip(ids, (1000.0, 3000.0)):
+        client.log_metric(run_id, "tokens_seen", tokens, step=99)
+        client.log_metric(run_id, "train_time_s", 1.0, step=99)
+    text = write_report(client, exp, scope, tmp_path / "reports").read_text()
+    assert "unsteady machine" in text and "3.0x apart" in text
+    assert throughput_warning({}) == []
