@@ -55,6 +55,7 @@ from blueberry.errors import BlueberryError, ConfigError
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
+    from blueberry.sweep import SweepSpec
     from blueberry.track import MLflowTracker
 
 SPEC_KEYS = ("name", "description", "kind", "seeds", "baseline", "variants")
@@ -240,13 +241,17 @@ def load_spec(
     quick: bool = False,
     variants: Sequence[str] | None = None,
     seeds: Sequence[int] | None = None,
-) -> AblationSpec:
+) -> AblationSpec | SweepSpec:
     """Read and fully validate a spec: every variant's config is built, so bad input fails before training."""
     path = Path(path)
     data = read_spec_yaml(path)
     kind = data.get("kind", "ablation")
-    if kind == "sweep":
-        raise ConfigError(f"{path}: kind: sweeps are not supported yet")
+    if kind == "sweep":  # an Optuna search instead of a fixed matrix: blueberry/sweep.py
+        from blueberry.sweep import parse_sweep
+
+        if variants:
+            raise ConfigError("--variants: a sweep has no variants")
+        return parse_sweep(data, path, overrides, quick, seeds)
     if kind != "ablation":
         raise ConfigError(f"{path}: kind: unknown kind {kind!r}; allowed: {', '.join(SPEC_KINDS)}")
     return _parse_ablation(data, path, overrides, quick, variants, seeds)
@@ -325,6 +330,11 @@ def _parse_ablation(
             )
         by_hash[h] = vname
         variants[vname] = Variant(vname, dict(over), cfg)
+    if "budget" not in base and not any("budget" in expand_dotted(v.overrides) for v in variants.values()):
+        raise ConfigError(  # else every variant would silently get RunConfig's default budget
+            f"{where}: budget: missing; an ablation compares variants under one fixed budget: set budget.time, "
+            "budget.tokens, budget.steps or budget.flops (e.g. budget: {time: 2m24s}), or start from a preset"
+        )
 
     if only:
         missing = [v for v in only if v not in variants]
@@ -465,6 +475,10 @@ def find_runs(client: MlflowClient, experiment_id: str, config_hash: str, seed: 
 class AblationRunner:
     """Executes the run matrix of one spec against one MLflow experiment."""
 
+    # With --worker: a blueberry.workers.RunQueue, whose run_all claims runs from a shared database
+    # instead of walking the matrix in order.
+    queue: Any = None
+
     def __init__(
         self,
         spec: AblationSpec,
@@ -505,7 +519,10 @@ class AblationRunner:
         outcomes: list[Outcome] = []
         try:
             self._log_parent_inputs()
-            outcomes = self._run_all(planned, console)
+            if self.queue is not None:
+                outcomes = self.queue.run_all(self, planned, console)
+            else:
+                outcomes = self._run_all(planned, console)
             failed = [o for o in outcomes if o.status == "failed"]
             with store_errors("reading runs for the report"):
                 report = self.write_report()
@@ -830,6 +847,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="train each run with torchrun on N processes (default 1: in this process)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--storage",
+        default=None,
+        metavar="URL",
+        help="Optuna storage of sweeps and of --worker queues, e.g. postgresql://user@host/db "
+        "(default: sqlite:///optuna.db in the working directory)",
+    )
+    p.add_argument(
+        "--worker",
+        action="store_true",
+        help="run as one of many workers (any number of machines, one --storage): claim runs/trials from the "
+        "shared database until none are left; a dead worker's run is re-queued",
+    )
+    p.add_argument(
+        "--heartbeat",
+        type=int,
+        default=20,
+        metavar="SECONDS",
+        help="seconds between a worker's heartbeats; a run silent for 3x this is re-queued (default 20)",
+    )
     return p  # fmt: skip
 
 
@@ -893,6 +930,24 @@ def print_matrix(spec: AblationSpec) -> None:
     console.print("dry run: nothing trained, no MLflow run created")
 
 
+def check_inputs(spec: AblationSpec) -> None:
+    """The data side of every selected variant (source, tokenizer, validation window), checked before anything
+    is tracked or cached, so a missing corpus is one line rather than a FAILED run in a new store."""
+    from blueberry.data.cache import check_inputs as check_data
+
+    seen = set()
+    for name in spec.selected:
+        cfg = spec.variants[name].config
+        key = json.dumps([cfg.data.model_dump(mode="json"), cfg.tokenizer.model_dump(mode="json"),
+                          cfg.model.vocab_size, cfg.model.seq_len, cfg.eval.val_tokens])  # fmt: skip
+        if key not in seen:
+            seen.add(key)
+            try:
+                check_data(cfg)
+            except BlueberryError as e:
+                raise type(e)(f"{spec.path}: variants.{name}: {e}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`run_ablation.py`. Exit codes: 0 ok (diverged runs are results), 1 a run failed, 2 bad input, 130 Ctrl-C."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -906,6 +961,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         variants=_csv(args.variants, "--variants"),
         seeds=_csv(args.seeds, "--seeds", int),
     )
+    if spec.kind == "sweep":
+        from blueberry.sweep import run_sweep_cli
+
+        with _http_defaults():
+            return run_sweep_cli(args, argv, spec)
+    if not args.report_only:
+        check_inputs(spec)
     if args.dry_run:
         print_matrix(spec)
         return 0
@@ -955,8 +1017,17 @@ def _track_and_run(args: argparse.Namespace, argv: list[str], spec: AblationSpec
         print(f"report: {path}")
         return 0
 
-    client = connect(uri)
-    experiment_id = get_or_create_experiment(client, experiment, uri)
+    if args.storage and not args.worker:
+        raise ConfigError("--storage: an ablation uses the Optuna storage only as the queue of --worker")
+    if args.worker:  # other workers may be creating the same tables and experiment right now
+        from blueberry.workers import RunQueue, connect_shared, resolve_storage_url
+
+        # the queue first: a bad --storage is one line before any tracking store is created
+        queue = RunQueue(resolve_storage_url(args.storage), spec.name, spec.runs(), args.heartbeat)
+        client, experiment_id = connect_shared(uri, experiment)
+    else:
+        client = connect(uri)
+        experiment_id = get_or_create_experiment(client, experiment, uri)
     command = shlex.join(["python", "run_ablation.py", *argv])
     runner = AblationRunner(
         spec,
@@ -968,4 +1039,6 @@ def _track_and_run(args: argparse.Namespace, argv: list[str], spec: AblationSpec
         progress=not args.no_progress,
         reports_dir=args.reports_dir,
     )
+    if args.worker:  # runs are claimed from the shared database: blueberry/workers.py
+        runner.queue = queue
     return runner.run()

@@ -242,7 +242,7 @@ BAD_SPECS = {
         SPEC.replace("model.qk_norm: false", "model.qk_norm: true"),
         "same config as variant",
     ),
-    "sweep": ("kind: sweep\n" + SPEC, "sweeps are not supported yet"),
+    "ablation keys in a sweep": ("kind: sweep\n" + SPEC, "seeds: unknown key for a sweep"),
 }
 
 
