@@ -15,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +49,15 @@ class Checkpoint:
         return load_file(self.path / MODEL_FILE)
 
     def optimizer_state(self) -> dict[str, Any]:
-        return torch.load(self.path / OPTIM_FILE, weights_only=True, map_location="cpu")
+        """Tensors and plain containers only (weights_only): a pickled object is refused, never run."""
+        try:
+            return torch.load(self.path / OPTIM_FILE, weights_only=True, map_location="cpu")
+        except pickle.UnpicklingError as e:
+            lines = [s.strip() for s in str(e).splitlines() if "global" in s.lower()] or ["unpickling failed"]
+            reason = lines[0][:200]
+            raise CheckpointError(
+                f"{self.path / OPTIM_FILE}: refused: it holds objects other than tensors and plain containers ({reason})"
+            ) from None
 
     @property
     def tokenizer_path(self) -> Path | None:
@@ -113,9 +123,11 @@ def save_checkpoint(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    prev = path.with_name(path.name + ".prev")
+    _sweep_stale_tmp(path)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         save_file(unique_state_dict(model), tmp / MODEL_FILE)
         files = [MODEL_FILE]
         if optimizer_state is not None:
@@ -133,17 +145,37 @@ def save_checkpoint(
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(tmp)
-        prev = path.with_name(path.name + ".prev")
         if path.exists():
             shutil.rmtree(prev, ignore_errors=True)
             os.replace(path, prev)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
         shutil.rmtree(prev, ignore_errors=True)
+    except OSError as e:  # e.g. a full disk: the previous checkpoint is still in place
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = next((str(p) for p in (path, prev) if (p / META_FILE).is_file()), None)
+        raise CheckpointError(
+            f"cannot write checkpoint {path}: {e.strerror or e}"
+            + (f"; the previous checkpoint {kept} is intact" if kept else "")
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _sweep_stale_tmp(path: Path) -> None:
+    """Delete temporary folders of `path` left by writers that were killed (their pid is gone)."""
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(stale, ignore_errors=True)
+        except PermissionError:
+            pass
 
 
 def verify_checkpoint(path: Path) -> Checkpoint:
@@ -156,8 +188,10 @@ def verify_checkpoint(path: Path) -> Checkpoint:
         meta = json.loads(meta_path.read_text())
         files = meta["files"]
         meta["config"]  # noqa: B018 - must exist
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: corrupt {META_FILE}: {e}") from None
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(f"{path}: corrupt {META_FILE}: no file list")
     for name, digest in files.items():
         f = path / name
         if not f.is_file():
@@ -168,15 +202,35 @@ def verify_checkpoint(path: Path) -> Checkpoint:
 
 
 def find_checkpoint(path: Path) -> Checkpoint | None:
-    """The newest good checkpoint at `path` or, if that is missing/corrupt, its `.prev` sibling."""
+    """The newest good checkpoint at `path` or, if that is missing/corrupt, its `.prev` sibling.
+
+    A fall-back is never silent: one warning line on stderr says what was wrong and what is used instead.
+    """
     path = Path(path)
-    for candidate in (path, path.with_name(path.name + ".prev")):
-        if candidate.exists():
-            try:
-                return verify_checkpoint(candidate)
-            except CheckpointError:
-                continue
+    prev = path.with_name(path.name + ".prev")
+    problem = None
+    if path.exists():
+        try:
+            return verify_checkpoint(path)
+        except CheckpointError as e:
+            problem = str(e)
+    elif prev.exists():
+        problem = f"{path}: missing (a save was interrupted)"
+    if prev.exists():
+        try:
+            ckpt = verify_checkpoint(prev)
+        except CheckpointError as e:
+            problem = f"{problem}; {e}"
+        else:
+            _warn(f"{problem}; falling back to the previous checkpoint {prev}")
+            return ckpt
+    if problem:
+        _warn(f"{problem}; no usable checkpoint left, so the run starts over from step 0")
     return None
+
+
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
 def load_model(path: Path, device: str | torch.device = "cpu"):

@@ -436,6 +436,7 @@ def resolve_raw(
     data = dict(data)
     here = origin.parent if origin else Path.cwd()
     where = str(origin) if origin else "config"
+    reject_empty_budget(data, where)
     merged: dict[str, Any] = {}
     if "preset" in data:
         name = data.pop("preset")
@@ -493,7 +494,19 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
             flat[key] = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             flat[key] = raw
-    return expand_dotted(flat)
+    out = expand_dotted(flat)
+    reject_empty_budget(out, "--set")
+    return out
+
+
+def reject_empty_budget(data: Mapping[str, Any], where: str) -> None:
+    """An explicit `budget: {}` or `budget: null` is an error, never a silent fall-back to an inherited or
+    default budget: the budget is what every variant is compared under."""
+    if "budget" in data and (data["budget"] is None or data["budget"] == {}):
+        raise ConfigError(
+            f"{where}: budget: empty; set at least one of budget.time, budget.tokens, budget.steps, "
+            "budget.flops, e.g. budget: {time: 2m24s}"
+        )
 
 
 def check_paths_exist(overrides: Mapping[str, Any], model: type[BaseModel] = None, prefix: str = "") -> None:
@@ -504,7 +517,7 @@ def check_paths_exist(overrides: Mapping[str, Any], model: type[BaseModel] = Non
         if k not in model.model_fields:
             allowed = ", ".join(sorted(model.model_fields))
             raise ConfigError(
-                f"--set {path}: no such config key; allowed under {prefix or 'top level'}: {allowed}"
+                f"--set {path}: no such config key; allowed under {prefix[:-1] or 'top level'}: {allowed}"
             )
         ann = model.model_fields[k].annotation
         if isinstance(v, Mapping) and isinstance(ann, type) and issubclass(ann, BaseModel):
@@ -539,7 +552,9 @@ def format_validation_error(e: ValidationError, where: str) -> str:
             msg += f"; allowed: {', '.join(sorted(parent.model_fields))}"
     got = err.get("input")
     shown = (
-        "" if err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
+        ""
+        if err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) or repr(got) in msg
+        else f" (got {got!r})"
     )
     more = f" [+{len(e.errors()) - 1} more]" if len(e.errors()) > 1 else ""
     return f"{where}: {loc or 'config'}: {msg}{shown}{more}"
@@ -560,6 +575,7 @@ def _section_for(loc: tuple) -> type[BaseModel] | None:
 def build_config(raw: Mapping[str, Any], where: str = "config") -> RunConfig:
     """Validate an already-resolved dict (no base/preset keys) into a RunConfig."""
     raw = dict(raw)
+    reject_empty_budget(raw, where)
     import_plugins(raw.get("plugins"), where)
     try:
         return RunConfig.model_validate(raw)

@@ -1,9 +1,13 @@
 import os
 
-import pytest
-import torch
+# One thread per process: tests run beside other processes (and spawn subprocesses), and OpenMP threads
+# competing for 2 busy cores made tiny steps up to ~80x slower than a single thread. Set before torch loads.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture

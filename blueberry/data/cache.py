@@ -157,12 +157,33 @@ def prepare(cfg: RunConfig, progress: bool = True) -> PreparedData:
             raise BlueberryError(f"cache entry {entry} {problem or 'is missing'} right after it was written")
     data = _open(entry, manifest, cfg)
     if cfg.tokenizer.path or cfg.tokenizer.hf:
-        if cfg.model.vocab_size is not None and cfg.model.vocab_size != data.vocab_size:
-            raise ConfigError(
-                f"model.vocab_size={cfg.model.vocab_size} does not match the {data.vocab_size} tokens of "
-                f"{_tokenizer_label(cfg)}; set model.vocab_size to {data.vocab_size} or leave it unset"
-            )
+        _check_vocab(cfg, data.vocab_size)
     return data
+
+
+def _check_vocab(cfg: RunConfig, vocab_size: int) -> None:
+    if cfg.model.vocab_size is not None and cfg.model.vocab_size != vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} does not match the {vocab_size} tokens of "
+            f"{_tokenizer_label(cfg)}; set model.vocab_size to {vocab_size} or leave it unset"
+        )
+
+
+def check_inputs(cfg: RunConfig) -> None:
+    """What a training run needs from the data side, checked without reading the text or writing the cache:
+    the source exists and is not empty, tokenizer.path exists and agrees with model.vocab_size, and the
+    validation slice holds at least one window. The ablation runner calls this before it touches the
+    tracking store, so such mistakes leave nothing behind."""
+    source = resolve_source(cfg.data)
+    if source.kind == "local" and all(p.stat().st_size == 0 for p in source.files):
+        raise BlueberryError(f"data.source={source.spec}: the corpus is empty (every file is 0 bytes)")
+    if cfg.tokenizer.path:
+        _check_vocab(cfg, load_tokenizer_file(cfg.tokenizer.path).get_vocab_size())
+    if cfg.eval.val_tokens < cfg.model.seq_len + 1:
+        raise ConfigError(
+            f"eval.val_tokens={cfg.eval.val_tokens} is less than one validation window (model.seq_len + 1 = "
+            f"{cfg.model.seq_len + 1}); raise eval.val_tokens or lower model.seq_len"
+        )
 
 
 def _tokenizer_label(cfg: RunConfig) -> str:
