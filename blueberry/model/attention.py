@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from blueberry.model.layers import apply_rotary
+
 
 @dataclass
 class KVCache:
@@ -54,7 +56,8 @@ class CausalSelfAttention(nn.Module):
         self.k_norm = make_norm(cfg.head_dim) if cfg.qk_norm else nn.Identity()
         self.gate = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias) if cfg.attn_gate else None
 
-    def forward(self, x, position, pos: torch.Tensor, cache: KVCache | None = None):
+    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None = None):
+        """x [B, T, d]; rope: the (cos, sin) tables of the positions of x, or None without rotary."""
         B, T, _ = x.shape
         kv_dim = self.n_kv_heads * self.head_dim
         q, k, v = self.qkv(x).split([self.n_heads * self.head_dim, kv_dim, kv_dim], dim=-1)
@@ -62,7 +65,8 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = self.q_norm(q), self.k_norm(k)  # QK-norm before the rotary, over head_dim
-        q, k = position.rotate(q, k, pos)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         start = 0 if cache is None else cache.pos
         if cache is not None:
             k, v = cache.update(self.layer, k, v)

@@ -144,7 +144,8 @@ class ReLU2MLP(PlainMLP):
 
 # ---- position schemes ----------------------------------------------------------------------------------
 # A position module has `embed(pos) -> [T, d] | None` (added to token embeddings) and
-# `rotate(q, k, pos) -> (q, k)` (applied inside attention); `pos` is a LongTensor of absolute positions.
+# `rotary(pos) -> (cos, sin) | None` (tables for `apply_rotary`, computed once per forward and applied to
+# q and k in every layer); `pos` is a LongTensor of absolute positions.
 
 
 @POSITIONS.register("none")
@@ -157,8 +158,15 @@ class NoPosition(nn.Module):
     def embed(self, pos):
         return None
 
+    def rotary(self, pos):
+        return None
+
     def rotate(self, q, k, pos):
-        return q, k
+        """q and k as attention sees them at positions `pos` (a convenience; the model uses `rotary`)."""
+        table = self.rotary(pos)
+        if table is None:
+            return q, k
+        return apply_rotary(q, *table), apply_rotary(k, *table)
 
 
 @POSITIONS.register("learned")
@@ -190,20 +198,20 @@ class RotaryPosition(NoPosition):
         inv = torch.cat([inv, torch.zeros(half - n_rot, dtype=torch.float64)])
         self.register_buffer("inv_freq", inv.float(), persistent=False)
 
-    def cos_sin(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotary(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T, D] tables (cos, cos) and (-sin, sin) over the two halves of head_dim, in float32."""
         angles = pos.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
-        return angles.cos(), angles.sin()
-
-    def rotate(self, q, k, pos):
-        cos, sin = self.cos_sin(pos)
-        return _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
+        cos, sin = angles.cos(), angles.sin()
+        return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
 
-def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, T, D]; cos/sin: [T, D/2] broadcast over batch and heads (dim -2 is time)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return out.type_as(x)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x[i], x[i + D/2]) of x [B, H, T, D] by its angle, in x's dtype.
+
+    x * (cos, cos) + (x2, x1) * (-sin, sin) = (x1 cos - x2 sin, x2 cos + x1 sin); tables from `rotary`.
+    """
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.addcmul(x * cos, x.roll(x.size(-1) // 2, dims=-1), sin)
 
 
 def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:

@@ -29,8 +29,8 @@ class Block(nn.Module):
         self.attn_res = placement(partial(make_norm, cfg.d_model))
         self.mlp_res = placement(partial(make_norm, cfg.d_model))
 
-    def forward(self, x, position, pos, cache=None):
-        x = self.attn_res(x, lambda h: self.attn(h, position, pos, cache))
+    def forward(self, x, rope, cache=None):
+        x = self.attn_res(x, lambda h: self.attn(h, rope, cache))
         return self.mlp_res(x, self.mlp)
 
 
@@ -70,8 +70,9 @@ class Transformer(nn.Module):
         pos_emb = self.position.embed(pos)
         if pos_emb is not None:
             x = x + pos_emb
+        rope = self.position.rotary(pos)  # one (cos, sin) table for every layer, or None
         for block in self.blocks:
-            x = block(x, self.position, pos, cache)
+            x = block(x, rope, cache)
         if cache is not None:
             cache.pos += T
         logits = self.head(self.final_norm(x))
@@ -79,8 +80,7 @@ class Transformer(nn.Module):
             logits = softcap(logits, self.cfg.logit_softcap)
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
+        return logits, cross_entropy(logits, targets)
 
     def new_cache(self, batch: int, max_len: int | None = None, dtype=None) -> KVCache:
         c = self.cfg
@@ -88,6 +88,27 @@ class Transformer(nn.Module):
         return KVCache.empty(
             c.n_layers, batch, c.n_kv_heads, max_len or c.seq_len, c.head_dim, ref.device, dtype or ref.dtype
         )
+
+
+CPU_LOSS_CHUNK = 2**22  # logits per cross-entropy slab on the CPU: 16 MB in float32
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk: int = CPU_LOSS_CHUNK) -> torch.Tensor:
+    """Mean cross-entropy of logits [..., V] against targets [...], computed in float32.
+
+    On the CPU it runs a slab of `chunk` logits at a time, so the float32 copy, the log-softmax and their
+    gradients never exist at full [B*T, V] size (0.4 GB each at the seed's size): a few slab-sized
+    buffers are reused instead of fresh pages being mapped and zero-filled every step. GPUs take one call.
+    """
+    logits, targets = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
+    rows = max(1, chunk // logits.size(-1))
+    if logits.device.type != "cpu" or logits.size(0) <= rows:
+        return F.cross_entropy(logits.float(), targets)
+    total = sum(
+        F.cross_entropy(part.float(), t, reduction="sum")
+        for part, t in zip(logits.split(rows), targets.split(rows))
+    )
+    return total / (targets != -100).sum()  # the mean over targets F.cross_entropy does not ignore
 
 
 def build_model(cfg: ModelConfig) -> Transformer:
