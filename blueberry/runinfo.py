@@ -40,7 +40,8 @@ def device_name(device: torch.device | str | None = None) -> str:
 @lru_cache(maxsize=1)
 def git_state() -> tuple[str, bool]:
     commit = _git("rev-parse", "HEAD") or "unknown"
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    # Dirty means the code differs from the commit; reports are outputs the harness itself writes.
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)reports")
     return commit, bool(status)
 
 
