@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -63,7 +64,7 @@ def test_train_step_without_transformers_says_so_and_exits_2(tmp_path):
     blocker = tmp_path / "transformers"
     blocker.mkdir()
     (blocker / "__init__.py").write_text("raise ImportError('blocked for the test')\n")
-    env = {"PYTHONPATH": f"{tmp_path}:{ROOT}", "PATH": "/usr/bin:/bin"}
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
     proc = run_bench("train_step", *TINY_STEP, env=env)
     assert proc.returncode == 2
     assert "transformers is not installed" in proc.stderr and "--ours-only" in proc.stderr
