@@ -257,6 +257,25 @@ def load_spec(
     return _parse_ablation(data, path, overrides, quick, variants, seeds)
 
 
+def spec_header(
+    data: Mapping[str, Any], where: str, spec_keys: Sequence[str], unknown_msg: str
+) -> tuple[str, str]:
+    """Checks every spec kind shares: no unknown top-level key, a valid `name`, a text `description`."""
+    unknown = [k for k in data if k not in spec_keys and k not in CONFIG_KEYS]
+    if unknown:
+        raise ConfigError(
+            f"{where}: {unknown[0]}: {unknown_msg}; allowed: {', '.join(spec_keys)} "
+            f"and the config keys {', '.join(CONFIG_KEYS)}"
+        )
+    name = data.get("name")
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ConfigError(f"{where}: name: expected a name of letters, digits, '_', '-' or '.', got {name!r}")
+    description = data.get("description") or ""
+    if not isinstance(description, str):
+        raise ConfigError(f"{where}: description: expected text, got {description!r}")
+    return name, description
+
+
 def _parse_ablation(
     data: dict[str, Any],
     path: Path,
@@ -266,18 +285,7 @@ def _parse_ablation(
     seeds_override: Sequence[int] | None,
 ) -> AblationSpec:
     where = str(path)
-    unknown = [k for k in data if k not in SPEC_KEYS and k not in CONFIG_KEYS]
-    if unknown:
-        raise ConfigError(
-            f"{where}: {unknown[0]}: unknown key; allowed: {', '.join(SPEC_KEYS)} "
-            f"and the config keys {', '.join(CONFIG_KEYS)}"
-        )
-    name = data.get("name")
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise ConfigError(f"{where}: name: expected a name of letters, digits, '_', '-' or '.', got {name!r}")
-    description = data.get("description") or ""
-    if not isinstance(description, str):
-        raise ConfigError(f"{where}: description: expected text, got {description!r}")
+    name, description = spec_header(data, where, SPEC_KEYS, "unknown key")
     if "seeds" not in data:
         raise ConfigError(f"{where}: seeds: missing; e.g. seeds: [0, 1, 2]")
     seeds = _seed_list(data["seeds"], where)

@@ -47,7 +47,6 @@ from rich.console import Console
 
 from blueberry import ablation
 from blueberry.ablation import (
-    _NAME_RE,
     CONFIG_KEYS,
     ERROR_FILE,
     QUICK_BUDGET,
@@ -60,6 +59,7 @@ from blueberry.ablation import (
     _seed_list,
     format_budget,
     quick_overrides,
+    spec_header,
     store_errors,
 )
 from blueberry.config import (
@@ -339,18 +339,7 @@ def parse_sweep(
 ) -> SweepSpec:
     """Validate a `kind: sweep` spec completely (every choice and range end builds a valid config)."""
     where = str(path)
-    unknown = [k for k in data if k not in SWEEP_KEYS and k not in CONFIG_KEYS]
-    if unknown:
-        raise ConfigError(
-            f"{where}: {unknown[0]}: unknown key for a sweep; allowed: {', '.join(SWEEP_KEYS)} "
-            f"and the config keys {', '.join(CONFIG_KEYS)}"
-        )
-    name = data.get("name")
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise ConfigError(f"{where}: name: expected a name of letters, digits, '_', '-' or '.', got {name!r}")
-    description = data.get("description") or ""
-    if not isinstance(description, str):
-        raise ConfigError(f"{where}: description: expected text, got {description!r}")
+    name, description = spec_header(data, where, SWEEP_KEYS, "unknown key for a sweep")
 
     objective = data.get("objective", {"metric": "val_bpb", "direction": "minimize"})
     if not isinstance(objective, Mapping):
