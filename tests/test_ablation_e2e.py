@@ -83,6 +83,15 @@ def test_real_ablation_logs_what_the_report_shows_and_reruns_train_nothing(corpu
     assert e.value.code == 0 and len(calls) == 4  # nothing trained again
     assert len(_children(client)) == 4
 
+    # inference.py with no arguments picks the trained run with the lowest val_bpb from this store.
+    best = min(children, key=lambda r: r.data.metrics["val_bpb"])
+    out = subprocess.run(
+        [sys.executable, str(REPO / "inference.py"), "--json", "--max-new-tokens", "4", "--seed", "0"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert best.info.run_id in out.stderr + out.stdout
+
 
 @pytest.mark.slow
 def test_sigkilled_runner_is_completed_by_the_next_invocation(corpus_dir, cache_dir, tmp_path):
