@@ -15,7 +15,6 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +25,7 @@ from blueberry.data import TokenBatcher, prepare, val_windows
 from blueberry.errors import BlueberryError
 from blueberry.model import build_model, count_params, flops_per_token, matmul_params
 from blueberry.runinfo import run_info
+from blueberry.track import NullTracker, flatten_params
 from blueberry.train import distributed as D
 from blueberry.train.budget import Budget, Usage
 from blueberry.train.metrics import mfu, peak_flops, peak_memory_mb
@@ -73,25 +73,6 @@ class LocalLog:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
-class _NoTracker:
-    run_id = None
-
-    def log_params(self, params):
-        pass
-
-    def set_tags(self, tags):
-        pass
-
-    def log_metrics(self, metrics, step):
-        pass
-
-    def log_artifact(self, local_path, artifact_path=None):
-        pass
-
-    def log_text(self, text, artifact_file):
-        pass
-
-
 # ---- choices that depend on the machine -----------------------------------------------------------------
 
 
@@ -129,16 +110,6 @@ def autocast_for(device: torch.device, precision: str):
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 # ---- evaluation -----------------------------------------------------------------------------------------
@@ -179,7 +150,7 @@ def train(cfg: RunConfig, tracker=None, run_dir: str | Path | None = None, progr
     """Train `cfg` until its budget is spent; resume from `run_dir/checkpoints/last` if it exists."""
     wall_start = time.perf_counter()
     d = D.init_distributed(cfg.train.device)
-    tracker = tracker if (tracker is not None and d.is_main) else _NoTracker()
+    tracker = tracker if (tracker is not None and d.is_main) else NullTracker()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device, d)
@@ -230,7 +201,7 @@ def train(cfg: RunConfig, tracker=None, run_dir: str | Path | None = None, progr
         s = last.meta["state"]
         state = TrainState(Usage(**s["used"]), s["best_val_loss"], s["next_eval"], s["status"], s["final_metrics"], s["wall_time_s"])
     else:
-        tracker.log_params({**flatten(cfg.to_dict()), "params": sizes["total"], "params_non_embedding": sizes["non_embedding"]})
+        tracker.log_params({**flatten_params(cfg.to_dict()), "params": sizes["total"], "params_non_embedding": sizes["non_embedding"]})
         tracker.log_text(dump_yaml(cfg), "config.yaml")
         tracker.log_text(routing_table(optimizer.routes), "routing_table.txt")
     tracker.set_tags({**run_info(device), "precision": precision, "world_size": str(d.world_size)})
